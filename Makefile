@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help setup run test test-fast lint data mlflow-ui clean
+.PHONY: help setup run test test-fast lint data mlflow-ui clean pipeline pipeline-down
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -48,6 +48,12 @@ data: setup  ## dvc repro + dvc push (default remote: the local directory .dvcst
 
 mlflow-ui: setup  ## browse runs: MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+pipeline: setup  ## kind cluster + KubeRay + KFP + platform, build/load images, submit the pipeline, print URLs
+	scripts/pipeline_up.sh
+
+pipeline-down:  ## stop the port-forwards and delete the kind cluster
+	scripts/pipeline_down.sh
 
 clean:  ## remove caches and local run outputs (keeps .venv and data)
 	rm -rf .pytest_cache .ruff_cache .scratch runs
