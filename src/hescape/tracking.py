@@ -31,7 +31,13 @@ TAG_SHARDS = "hescape.shards"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """``$MLFLOW_TRACKING_URI`` or the local SQLite default; a relative SQLite path is made absolute
+    so that Ray workers (which run in other directories) reach the same store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 def experiment_name(panel_name: str) -> str:

@@ -33,7 +33,7 @@ class FeatureCache:
     """Directory of cached per-split feature matrices."""
 
     def __init__(self, cache_dir: str | Path):
-        self.root = Path(cache_dir) / "features"
+        self.root = Path(cache_dir).resolve() / "features"  # absolute: Ray workers run elsewhere
 
     def path(self, description: dict) -> Path:
         return self.root / cache_key(description)

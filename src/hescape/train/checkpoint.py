@@ -57,7 +57,7 @@ class SplitEmbeddings:
 
 
 def _rows(x, start, stop):
-    return torch.from_numpy(np.ascontiguousarray(x[start:stop]))
+    return torch.from_numpy(np.array(x[start:stop]))
 
 
 def embed_split(trained: TrainedModel, split: str, *, batch_size: int = 256, rows: slice | None = None,

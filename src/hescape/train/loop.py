@@ -58,8 +58,8 @@ class PairDataset(Dataset):
             imgs = torch.stack([augment_patch(self.images[i], np.random.default_rng([self.seed, self.epoch, int(i)]),
                                               self.augment) for i in idx])
         else:
-            imgs = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
-        genes = torch.from_numpy(np.ascontiguousarray(self.genes[idx]))
+            imgs = torch.from_numpy(np.array(self.images[idx]))
+        genes = torch.from_numpy(np.array(self.genes[idx]))
         return imgs, genes
 
     def __getitem__(self, i: int):
@@ -142,8 +142,8 @@ def embed_split(model, images: np.ndarray, genes: np.ndarray, *, rank: int, worl
     with torch.no_grad():
         for start in range(lo, hi, batch_size):
             stop = min(hi, start + batch_size)
-            img = torch.from_numpy(np.ascontiguousarray(images[start:stop])).to(device)
-            gene = torch.from_numpy(np.ascontiguousarray(genes[start:stop])).to(device)
+            img = torch.from_numpy(np.array(images[start:stop])).to(device)  # copies off read-only memmaps
+            gene = torch.from_numpy(np.array(genes[start:stop])).to(device)
             img_out.append(model.encode_image(img).float())
             gene_out.append(model.encode_gene(gene).float())
     img_local = torch.cat(img_out) if img_out else None
@@ -319,6 +319,14 @@ def train_worker(config: dict, context: WorkerContext | None = None) -> dict:
             find_unused_parameters=False,
         )
 
+    epoch_hook = None
+    if config.get("epoch_hook") and ctx.rank == 0:
+        from hescape.tune.pruning import make_epoch_hook
+
+        epoch_hook = make_epoch_hook(config["epoch_hook"])
+    elif config.get("epoch_hook"):
+        epoch_hook = _follower_hook
+
     step = start_epoch * len(loader)
     history = []
     for epoch in range(start_epoch, cfg.epochs):
@@ -349,6 +357,11 @@ def train_worker(config: dict, context: WorkerContext | None = None) -> dict:
         metrics = validation_metrics(model.loss, img, gene, global_batch=cfg.batch_size * ctx.world_size,
                                      normalize=cfg.normalize)
         metrics.update(epoch=epoch, train_loss_epoch=running / max(1, n_batches), epoch_time_s=train_time, step=step)
+        if epoch_hook is not None:
+            # An external judge (an Optuna pruner during tuning) may stop the run; rank 0 decides
+            # and every rank follows, so all workers make the same number of report calls.
+            stop_now = bool(epoch_hook(metrics, epoch)) if ctx.rank == 0 else False
+            metrics["stopped_by_hook"] = float(_broadcast_flag(stop_now, ctx.world_size))
         improved = metrics["val_loss"] < best_val - cfg.min_delta
         if improved:
             best_val, bad_epochs, best_epoch = metrics["val_loss"], 0, epoch
@@ -372,12 +385,29 @@ def train_worker(config: dict, context: WorkerContext | None = None) -> dict:
                 (Path(tmp) / INFO_FILE).write_text(json.dumps(info))
                 ckpt_dir = tmp
             ctx.report(metrics, ckpt_dir)
+        if metrics.get("stopped_by_hook"):
+            log.info("stopped by the epoch hook at epoch %d", epoch)
+            break
         if epoch < cfg.epochs - 1 and bad_epochs >= cfg.patience:
             log.info("early stopping at epoch %d (best %d)", epoch, best_epoch)
             break
         if stop:
             break
     return {"history": history, "best_epoch": best_epoch, "best_val_loss": best_val}
+
+
+def _follower_hook(metrics: dict, epoch: int) -> bool:
+    return False  # non-zero ranks take rank 0's decision through _broadcast_flag
+
+
+def _broadcast_flag(flag: bool, world_size: int) -> bool:
+    if world_size == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def run_local(config: dict, storage: str | Path) -> tuple[dict, LocalContext]:
