@@ -183,7 +183,7 @@ def test_repository_simulate_stage(tmp_path, hermetic_env):
     params["simulate"]["seed"] += 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     stale = json.loads(versioning.run_dvc(["status", "--json"], repo=repo).stdout)
-    assert "simulate" in stale and "simulate.seed" in json.dumps(stale), stale
+    assert stale == {"simulate": [{"changed deps": {"params.yaml": {"simulate": "modified"}}}]}, stale
 
 
 #  Library helpers
@@ -250,8 +250,6 @@ def test_default_local_remote_needs_no_configuration(dvc_repo):
     versioning.run_dvc(["pull"], repo=dvc_repo)
     check_panel(dvc_repo / OUT, expected)
     assert versioning.dvc_revision(dvc_repo / OUT) == md5
-    status = versioning.run_dvc(["status"], repo=dvc_repo).stdout
-    assert "up to date" in status
 
 
 @pytest.mark.slow
