@@ -28,7 +28,8 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 def true_partner_ranks(queries, candidates, *, normalize: bool = True, chunk_size: int = 2048) -> np.ndarray:
     """1-based rank of candidate ``i`` for query ``i`` among all candidates (dot product similarity).
 
-    Ties with the true partner count against it. Memory: ``chunk_size x len(candidates)`` floats.
+    Ties with the true partner count against it; a pair whose similarity is NaN ranks last.
+    Memory: ``chunk_size x len(candidates)`` floats (plus as many bytes for the comparison).
     """
     q, c = _as_tensor(queries), _as_tensor(candidates)
     if q.shape != c.shape:
@@ -43,10 +44,15 @@ def true_partner_ranks(queries, candidates, *, normalize: bool = True, chunk_siz
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
             sims = q[start:stop] @ c.T
-            true = sims[torch.arange(stop - start), torch.arange(start, stop)].unsqueeze(1)
+            # A NaN similarity (a diverged model) compares False with everything, which would give
+            # its pair rank 0, better than perfect; as -inf it ranks last, and a NaN candidate
+            # never outranks a true partner.
+            sims.nan_to_num_(nan=float("-inf"))
+            rows = torch.arange(stop - start, device=sims.device)
+            true = sims[rows, rows + start].unsqueeze(1)
             # Counting every candidate scoring >= the partner (the partner included) gives the
             # 1-based rank with ties counted against the partner.
-            ranks[start:stop] = (sims >= true).sum(dim=1).numpy()
+            ranks[start:stop] = (sims >= true).sum(dim=1).cpu().numpy()
     return ranks
 
 
