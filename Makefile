@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help setup run test test-fast lint data mlflow-ui clean pipeline pipeline-down
+.PHONY: help setup run test test-fast lint data data-s3-remote mlflow-ui clean pipeline pipeline-down
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -44,7 +44,10 @@ lint: setup  ## ruff
 
 data: setup  ## dvc repro + dvc push (default remote: the local directory .dvcstore)
 	PATH=$(CURDIR)/$(BIN):$$PATH dvc repro
-	PATH=$(CURDIR)/$(BIN):$$PATH dvc push
+	PATH=$(CURDIR)/$(BIN):$$PATH dvc push $(if $(DVC_REMOTE),-r $(DVC_REMOTE))
+
+data-s3-remote: setup  ## point DVC's s3 remote at $$HESCAPE_S3_BUCKET / $$HESCAPE_S3_ENDPOINT (credentials stay in the env)
+	$(BIN)/hescape data s3-remote --default
 
 mlflow-ui: setup  ## browse runs: MLflow UI on http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000

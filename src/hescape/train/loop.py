@@ -98,6 +98,9 @@ def build_model(cfg: TrainConfig, spec: dict):
         image_dim = encoder.feature_dim
     else:
         image_dim = int(spec["image_feature_dim"])
+    # Seed the trainable parts after the image trunk is built (building it draws random numbers),
+    # so heads and gene encoder start identical whether trunk features are cached or recomputed.
+    torch.manual_seed(cfg.seed)
     gene_trunk = None
     if spec.get("gene_feature_dim") is None:
         gene_trunk = create_gene_encoder(cfg.gene_encoder, spec["n_genes"], **cfg.gene_encoder_kwargs)

@@ -137,7 +137,7 @@ def train_run(panel_dir: str | Path, params: dict, *, local: bool = False, progr
     experiment_id = tracking.get_or_create_experiment(cfg.experiment or tracking.experiment_name(panel_name))
     client = MlflowClient(tracking.tracking_uri())
     tags = tracking.run_tags(panel_name=panel_name, panel_hash=shards.panel_hash, train_cfg=cfg,
-                             dvc_rev=dvc_revision(panel_dir), git_commit=git_commit())
+                             dvc_rev=dvc_revision(panel_dir), git_commit=git_commit(Path(__file__).resolve().parent))
     tags[tracking.TAG_SHARDS] = str(shards.root.resolve())
     tags["hescape.panel_dir"] = str(panel_dir.resolve())
     if parent_run_id:
