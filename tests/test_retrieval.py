@@ -99,7 +99,7 @@ def test_chunked_equals_dense_on_normalised_float_embeddings(chunk_size):
     rng = np.random.default_rng(3)
     img = rng.normal(size=(257, 16)).astype(np.float32)
     gene = (img + rng.normal(scale=1.0, size=img.shape)).astype(np.float32)
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
     expected = dense_ranks(unit(img), unit(gene))
     np.testing.assert_array_equal(true_partner_ranks(img, gene, chunk_size=chunk_size), expected)
     dense = global_retrieval(img, gene, chunk_size=len(img))
