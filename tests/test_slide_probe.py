@@ -40,6 +40,10 @@ def test_auroc_hand_cases_with_ties_follow_roc_auc_score():
     assert auroc_with_ci(y, s, n_bootstrap=0)["auroc"] == pytest.approx(0.75)
     # All scores tied: exactly chance.
     assert auroc_with_ci([0, 1, 0, 1], [0.5] * 4, n_bootstrap=0)["auroc"] == 0.5
+    # Many ties on a larger random case: identical to sklearn.
+    rng = np.random.default_rng(8)
+    y, s = rng.integers(0, 2, 200), rng.integers(0, 5, 200) / 4
+    assert auroc_with_ci(y, s, n_bootstrap=0)["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_estimate():

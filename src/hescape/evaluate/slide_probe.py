@@ -98,10 +98,18 @@ def _plain(value):
 
 
 def _auroc(y: np.ndarray, scores: np.ndarray, classes: np.ndarray) -> float:
+    if len(classes) == 2:
+        # Mann-Whitney U with mid-ranks: roc_auc_score's value (ties count one half) without its
+        # input validation, which dominates the cost of a thousand bootstrap resamples.
+        from scipy.stats import rankdata
+
+        pos = y == classes[1]
+        n_pos = int(pos.sum())
+        n_neg = len(y) - n_pos
+        ranks = rankdata(scores[:, 1])
+        return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
     from sklearn.metrics import roc_auc_score
 
-    if len(classes) == 2:
-        return float(roc_auc_score(y == classes[1], scores[:, 1]))
     return float(roc_auc_score(y, scores, multi_class="ovr", average="macro", labels=classes))
 
 
