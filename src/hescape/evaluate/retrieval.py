@@ -52,7 +52,8 @@ def true_partner_ranks(queries, candidates, *, normalize: bool = True, chunk_siz
             true = sims[rows, rows + start].unsqueeze(1)
             # Counting every candidate scoring >= the partner (the partner included) gives the
             # 1-based rank with ties counted against the partner.
-            ranks[start:stop] = (sims >= true).sum(dim=1).cpu().numpy()
+            # (Summing the bool mask as uint8 into int32 halves the cost of torch's bool -> int64 sum.)
+            ranks[start:stop] = (sims >= true).view(torch.uint8).sum(dim=1, dtype=torch.int32).cpu().numpy()
     return ranks
 
 
