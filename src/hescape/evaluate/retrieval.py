@@ -29,7 +29,7 @@ def true_partner_ranks(queries, candidates, *, normalize: bool = True, chunk_siz
     """1-based rank of candidate ``i`` for query ``i`` among all candidates (dot product similarity).
 
     Ties with the true partner count against it; a pair whose similarity is NaN ranks last.
-    Memory: ``chunk_size x len(candidates)`` floats (plus as many bytes for the comparison).
+    Memory: one ``chunk_size x len(candidates)`` float32 buffer and a bool buffer of that shape.
     """
     q, c = _as_tensor(queries), _as_tensor(candidates)
     if q.shape != c.shape:
@@ -40,10 +40,18 @@ def true_partner_ranks(queries, candidates, *, normalize: bool = True, chunk_siz
         q, c = q.float(), c.float()
     n = q.shape[0]
     ranks = np.empty(n, dtype=np.int64)
+    if n == 0:
+        return ranks
+    rows_per_chunk = min(chunk_size, n)
+    # One similarity buffer and one mask buffer for every chunk: a fresh product per chunk would
+    # hold the previous chunk's matrix until the assignment (twice the memory at peak) and page in
+    # new memory each time.
+    sims_buf = torch.empty((rows_per_chunk, n), dtype=q.dtype, device=q.device)
+    mask_buf = torch.empty((rows_per_chunk, n), dtype=torch.bool, device=q.device)
     with torch.no_grad():
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
-            sims = q[start:stop] @ c.T
+            sims = torch.matmul(q[start:stop], c.T, out=sims_buf[: stop - start])
             # A NaN similarity (a diverged model) compares False with everything, which would give
             # its pair rank 0, better than perfect; as -inf it ranks last, and a NaN candidate
             # never outranks a true partner.
@@ -51,9 +59,10 @@ def true_partner_ranks(queries, candidates, *, normalize: bool = True, chunk_siz
             rows = torch.arange(stop - start, device=sims.device)
             true = sims[rows, rows + start].unsqueeze(1)
             # Counting every candidate scoring >= the partner (the partner included) gives the
-            # 1-based rank with ties counted against the partner.
-            # (Summing the bool mask as uint8 into int32 halves the cost of torch's bool -> int64 sum.)
-            ranks[start:stop] = (sims >= true).view(torch.uint8).sum(dim=1, dtype=torch.int32).cpu().numpy()
+            # 1-based rank with ties counted against the partner; the mask is summed as uint8 into
+            # int32, half the cost of torch's bool -> int64 sum.
+            mask = torch.ge(sims, true, out=mask_buf[: stop - start])
+            ranks[start:stop] = mask.view(torch.uint8).sum(dim=1, dtype=torch.int32).cpu().numpy()
     return ranks
 
 
