@@ -530,11 +530,11 @@ class _Renderer:
             pick = bank[rng.integers(0, len(bank), b)]
             pick *= weights[:, k, None, None].astype(np.float32)
             mix += pick
-        colour = ((comp @ look.stroma_od) * np.exp(0.3 * state[:, 1:2])).astype(np.float32)  # (B, 3)
+        colour = ((comp @ look.stroma_od) * np.exp(0.4 * state[:, 1:2])).astype(np.float32)  # (B, 3)
         od = mix[..., None] * colour[:, None, None, :]
         # Nuclei and red cells: stamps added into a padded canvas with one bincount per channel.
         idx_parts, val_parts = [], []
-        nuclear_gain = np.exp(0.25 * state[:, 0])
+        nuclear_gain = np.exp(0.35 * state[:, 0])
         objects = [(bank, look.nucleus_od[k], n_nuclei[:, k], nuclear_gain) for k, bank in enumerate(look.nuclei)]
         objects.append((look.rbc, look.rbc_od, n_rbc, np.ones(b)))
         for bank, od_vec, counts, spot_gain in objects:
