@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 KS = (1, 5, 10)
+#: Rows whose ties are counted at once within a chunk (bounds the counting temporaries).
+COUNT_ROWS = 256
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -29,7 +31,8 @@ def true_partner_ranks(queries, candidates, *, normalize: bool = True, chunk_siz
     """1-based rank of candidate ``i`` for query ``i`` among all candidates (dot product similarity).
 
     Ties with the true partner count against it; a pair whose similarity is NaN ranks last.
-    Memory: one ``chunk_size x len(candidates)`` float32 buffer and a bool buffer of that shape.
+    Memory: one ``chunk_size x len(candidates)`` float32 buffer, plus ``256 x len(candidates)`` x 5
+    bytes for counting.
     """
     q, c = _as_tensor(queries), _as_tensor(candidates)
     if q.shape != c.shape:
@@ -43,11 +46,13 @@ def true_partner_ranks(queries, candidates, *, normalize: bool = True, chunk_siz
     if n == 0:
         return ranks
     rows_per_chunk = min(chunk_size, n)
-    # One similarity buffer and one mask buffer for every chunk: a fresh product per chunk would
-    # hold the previous chunk's matrix until the assignment (twice the memory at peak) and page in
-    # new memory each time.
+    # One similarity buffer for every chunk: a fresh product per chunk would hold the previous
+    # chunk's matrix until the assignment (twice the memory at peak) and page in new memory each time.
     sims_buf = torch.empty((rows_per_chunk, n), dtype=q.dtype, device=q.device)
-    mask_buf = torch.empty((rows_per_chunk, n), dtype=torch.bool, device=q.device)
+    # Ties are counted COUNT_ROWS rows at a time: torch's sum first casts the whole mask to its
+    # accumulator type, a chunk-sized int32 (or twice that, int64) temporary for a whole chunk.
+    count_rows = min(COUNT_ROWS, rows_per_chunk)
+    mask_buf = torch.empty((count_rows, n), dtype=torch.bool, device=q.device)
     with torch.no_grad():
         for start in range(0, n, chunk_size):
             stop = min(n, start + chunk_size)
@@ -59,10 +64,12 @@ def true_partner_ranks(queries, candidates, *, normalize: bool = True, chunk_siz
             rows = torch.arange(stop - start, device=sims.device)
             true = sims[rows, rows + start].unsqueeze(1)
             # Counting every candidate scoring >= the partner (the partner included) gives the
-            # 1-based rank with ties counted against the partner; the mask is summed as uint8 into
-            # int32, half the cost of torch's bool -> int64 sum.
-            mask = torch.ge(sims, true, out=mask_buf[: stop - start])
-            ranks[start:stop] = mask.view(torch.uint8).sum(dim=1, dtype=torch.int32).cpu().numpy()
+            # 1-based rank with ties counted against the partner.
+            for lo in range(0, stop - start, count_rows):
+                hi = min(stop - start, lo + count_rows)
+                mask = torch.ge(sims[lo:hi], true[lo:hi], out=mask_buf[: hi - lo])
+                counts = mask.view(torch.uint8).sum(dim=1, dtype=torch.int32)
+                ranks[start + lo:start + hi] = counts.cpu().numpy()
     return ranks
 
 
