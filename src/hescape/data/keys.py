@@ -14,6 +14,8 @@ DONOR = "donor"
 MUTATION = "mutation"  # simulator's sample-level binary label
 CELL_TYPE = "cell_type"  # simulator's dominant cell type (ground truth)
 COMPOSITION = "composition"  # simulator's per-spot cell-type fractions (ground truth)
+STATE = "state"  # simulator's per-spot programme states (ground truth)
+OBSM_COLUMNS = (COMPOSITION, STATE)  # per-spot vectors read into Panel.obsm
 
 # In-memory ``Panel.obs`` columns.
 SAMPLE = "sample_id"

@@ -407,7 +407,7 @@ def read_records(path: str | Path, *, n_genes: int | None = None, images: bool =
     obs[keys.X], obs[keys.Y] = xy[:, 0], xy[:, 1]
 
     skip = {keys.NAME, keys.IMAGE, keys.GEXP, keys.TISSUE, keys.SOURCE, keys.DONOR, keys.CELL_TYPE,
-            keys.CELL_COORDS, keys.COMPOSITION}
+            keys.CELL_COORDS, *keys.OBSM_COLUMNS}
     for col in table.column_names:
         if col in skip:
             continue
@@ -422,10 +422,11 @@ def read_records(path: str | Path, *, n_genes: int | None = None, images: bool =
 
     counts = _counts_matrix(table.column(keys.GEXP), n_genes, file=path)
     obsm = {}
-    if keys.COMPOSITION in table.column_names:
-        comp = table.column(keys.COMPOSITION).combine_chunks()
-        k = len(comp[0]) if n else 0
-        obsm[keys.COMPOSITION] = pc.list_flatten(comp).to_numpy(zero_copy_only=False).reshape(n, k).astype(np.float32)
+    for name in keys.OBSM_COLUMNS:
+        if name in table.column_names:
+            col = table.column(name).combine_chunks()
+            k = len(col[0]) if n else 0
+            obsm[name] = pc.list_flatten(col).to_numpy(zero_copy_only=False).reshape(n, k).astype(np.float32)
     imgs = _image_bytes(table.column(keys.IMAGE), file=path) if images else None
     return Records(obs=obs, counts=counts, images=imgs, obsm=obsm)
 
