@@ -18,7 +18,7 @@ import torch
 from hescape.config import from_dict
 from hescape.errors import DataError
 from hescape.train.config import TrainConfig
-from hescape.train.loop import INFO_FILE, MODEL_FILE, build_model, gene_inputs
+from hescape.train.loop import INFO_FILE, MODEL_FILE, build_model
 
 
 @dataclass
@@ -73,13 +73,27 @@ def embed_split(trained: TrainedModel, split: str, *, batch_size: int = 256, row
     rows = rows or slice(0, n)
     start0, stop0 = rows.indices(n)[:2]
     image_src = np.load(info["image_features"][split], mmap_mode="r") if info.get("image_features") else data.images
-    gene_src = (np.load(info["gene_features"][split], mmap_mode="r") if info.get("gene_features")
-                else gene_inputs(model.gene_trunk, shards, split))
+    if info.get("gene_features"):
+        gene_src, gene_transform = np.load(info["gene_features"][split], mmap_mode="r"), None
+    else:
+        # The transform is per spot (training-split statistics only), so transforming just the rows
+        # of each batch gives what gene_inputs gives for the whole split, without a task embedding one
+        # slice having to transform all of it.
+        from hescape.data.gene_transforms import transform_for
+
+        gene_src, gene_transform = data.counts, transform_for(model.gene_trunk, shards.gene_stats())
+    device = next(iter(model.parameters())).device
     out = {"image": [], "gene": [], "image_trunk": [], "gene_trunk": []}
     with torch.no_grad():
         for start in range(start0, stop0, batch_size):
             stop = min(stop0, start + batch_size)
-            img_in, gene_in = _rows(image_src, start, stop), _rows(gene_src, start, stop)
+            img_in = _rows(image_src, start, stop).to(device)
+            if gene_transform is None:
+                gene_in = _rows(gene_src, start, stop)
+            else:
+                gene_in = gene_transform(np.asarray(gene_src[start:stop]))
+                gene_in = gene_in if isinstance(gene_in, torch.Tensor) else torch.from_numpy(np.asarray(gene_in))
+            gene_in = gene_in.to(device)
             if model.image_trunk is not None:
                 from hescape.data.image_transforms import to_model_input
 
@@ -87,11 +101,11 @@ def embed_split(trained: TrainedModel, split: str, *, batch_size: int = 256, row
             else:
                 img_feat = img_in.float()
             gene_feat = model.gene_trunk(gene_in) if model.gene_trunk is not None else gene_in.float()
-            out["image"].append(model.image_head(img_feat.float()).numpy())
-            out["gene"].append(model.gene_head(gene_feat.float()).numpy())
+            out["image"].append(model.image_head(img_feat.float()).cpu().numpy())
+            out["gene"].append(model.gene_head(gene_feat.float()).cpu().numpy())
             if return_trunk:
-                out["image_trunk"].append(img_feat.float().numpy())
-                out["gene_trunk"].append(gene_feat.float().numpy())
+                out["image_trunk"].append(img_feat.float().cpu().numpy())
+                out["gene_trunk"].append(gene_feat.float().cpu().numpy())
     cat = {k: (np.concatenate(v) if v else None) for k, v in out.items()}
     return SplitEmbeddings(image=cat["image"], gene=cat["gene"], image_trunk=cat["image_trunk"],
                            gene_trunk=cat["gene_trunk"])
