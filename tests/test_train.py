@@ -158,7 +158,8 @@ def test_frozen_trunk_stays_in_eval_mode(tiny_panel_dir):
     cfg = TrainConfig(strategy="frozen")
     model = build_model(cfg, {"n_genes": 40, "image_input_size": 32})
     model.train()
-    assert not model.image_trunk.training
+    assert not any(m.training for m in model.image_trunk.module.modules())
+    assert model.image_head.training
     assert all(not p.requires_grad for p in model.image_trunk.parameters())
     assert "image_trunk.module.trunk.conv_stem.weight" not in model.saved_state()
     assert any(k.startswith("gene_trunk.") for k in model.saved_state())

@@ -171,18 +171,22 @@ def embed_split(model, images: np.ndarray, genes: np.ndarray, *, rank: int, worl
 
 def validation_metrics(loss_module, img: np.ndarray, gene: np.ndarray, *, global_batch: int,
                        normalize: bool) -> dict[str, float]:
-    """Validation loss over consecutive global batches (the training objective's scale) and global
-    retrieval R@5 both ways (the tuning objective), on the whole validation split."""
+    """Validation loss over global batches of a fixed shuffle of the split (batches drawn like the
+    training batches; in dataset order they would hold neighbouring spots of one slide, a harder and
+    different objective) and global retrieval R@5 both ways (the tuning objective), on the whole
+    validation split."""
     from hescape.evaluate.retrieval import global_retrieval
 
+    order = np.random.default_rng(0).permutation(len(img))
+    img_shuffled, gene_shuffled = img[order], gene[order]
     losses, weights = [], []
     device = loss_module.logit_scale.device
     gather, loss_module.gather = loss_module.gather, False  # the whole split is already on this rank
     try:
         with torch.no_grad():
             for start in range(0, len(img), global_batch):
-                a = torch.from_numpy(img[start:start + global_batch]).to(device)
-                b = torch.from_numpy(gene[start:start + global_batch]).to(device)
+                a = torch.from_numpy(img_shuffled[start:start + global_batch]).to(device)
+                b = torch.from_numpy(gene_shuffled[start:start + global_batch]).to(device)
                 if len(a) < 2:
                     continue
                 losses.append(float(loss_module(a, b)))
