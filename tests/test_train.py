@@ -232,3 +232,18 @@ def test_resume_after_a_killed_worker(tiny_panel_dir, workdir):
     assert 0 <= resumed < epochs - 1
     epochs_logged = sorted({m.step for m in client.get_metric_history(run_id, "val_loss")})
     assert epochs_logged == list(range(epochs))
+
+
+def test_monitor_picks_the_best_checkpoint_by_a_score(tiny_panel_dir, workdir):
+    """With ``monitor: val_R_at_5`` (higher is better) the best checkpoint is the epoch of the
+    highest validation R@5, and early stopping follows the same metric."""
+    from hescape.train.run import prepare
+
+    params = base_params(workdir, epochs=4, num_workers=1, monitor="val_R_at_5", min_delta=0.0)
+    _, prepared = prepare(tiny_panel_dir, params, progress=False)
+    result, ctx = run_local(prepared.worker_config, workdir / "ckpt")
+    scores = [h["val_R_at_5"] for h in result["history"]]
+    best = json.loads((ctx.best_checkpoint() / "checkpoint.json").read_text())
+    assert best["metrics"]["val_R_at_5"] == max(scores)
+    assert result["best_epoch"] == best["epoch"] == scores.index(max(scores))
+    assert result["monitor"] == "val_R_at_5" and result["best_score"] == max(scores)

@@ -38,7 +38,10 @@ class TrainConfig:
     warmup_steps: int = 50
     grad_clip: float = 5.0
     patience: int = 5  # validations without improvement before stopping
-    min_delta: float = 0.01
+    min_delta: float = 0.01  # smallest change of the monitored metric that counts as improvement
+    # Early stopping and the "best" checkpoint follow this validation metric: a *loss (lower is
+    # better) or a retrieval score such as val_R_at_5 (higher is better).
+    monitor: str = "val_loss"
     seed: int = 42
     augment: bool = True  # per-sample train augmentation (not applied when trunk features are cached)
     feature_cache: bool = True  # frozen trunks: compute features once, train the heads only
@@ -54,6 +57,11 @@ class TrainConfig:
     # Tracking
     experiment: str | None = None  # default: one experiment per panel
     log_every_n_steps: int = 10
+
+    @property
+    def monitor_mode(self) -> str:
+        """``"min"`` for losses, ``"max"`` for scores."""
+        return "min" if self.monitor.endswith("loss") else "max"
 
     @property
     def run_name(self) -> str:

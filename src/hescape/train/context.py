@@ -28,10 +28,10 @@ class LocalContext:
     rank = 0
     world_size = 1
 
-    def __init__(self, storage: str | Path, *, score: str = "val_loss"):
+    def __init__(self, storage: str | Path, *, score: str = "val_loss", mode: str = "min"):
         self.storage = Path(storage)
         self.storage.mkdir(parents=True, exist_ok=True)
-        self.score = score
+        self.score, self.sign = score, (1.0 if mode == "min" else -1.0)
         self.history: list[dict] = []
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
@@ -45,7 +45,7 @@ class LocalContext:
         (latest / "metrics.json").write_text(json.dumps(metrics))
         best = self.storage / "best"
         best_metrics = json.loads((best / "metrics.json").read_text()) if (best / "metrics.json").exists() else None
-        if best_metrics is None or metrics[self.score] < best_metrics[self.score]:
+        if best_metrics is None or self.sign * metrics[self.score] < self.sign * best_metrics[self.score]:
             if best.exists():
                 shutil.rmtree(best)
             shutil.copytree(latest, best)

@@ -306,6 +306,8 @@ def train_worker(config: dict, context: WorkerContext | None = None) -> dict:
     total_steps = cfg.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
 
+    # Internally "lower is better": a score to maximise is negated.
+    sign = 1.0 if cfg.monitor_mode == "min" else -1.0
     start_epoch, best_val, bad_epochs, best_epoch = 0, math.inf, 0, -1
     tracker = MetricBuffer(config.get("tracking") if ctx.rank == 0 else None)
     restored = ctx.latest_checkpoint()
@@ -369,13 +371,15 @@ def train_worker(config: dict, context: WorkerContext | None = None) -> dict:
             # and every rank follows, so all workers make the same number of report calls.
             stop_now = bool(epoch_hook(metrics, epoch)) if ctx.rank == 0 else False
             metrics["stopped_by_hook"] = float(_broadcast_flag(stop_now, ctx.world_size))
-        improved = metrics["val_loss"] < best_val - cfg.min_delta
-        if improved:
-            best_val, bad_epochs, best_epoch = metrics["val_loss"], 0, epoch
+        if cfg.monitor not in metrics:
+            raise KeyError(f"train.monitor {cfg.monitor!r} is not a validation metric; have {sorted(metrics)}")
+        value = sign * metrics[cfg.monitor]
+        if value < best_val - cfg.min_delta:
+            best_val, bad_epochs, best_epoch = value, 0, epoch
         else:
             bad_epochs += 1
         stop = bad_epochs >= cfg.patience or epoch == cfg.epochs - 1
-        metrics.update(best_val_loss=best_val, best_epoch=best_epoch)
+        metrics.update(best_score=sign * best_val, best_epoch=best_epoch)
         tracker.add({k: v for k, v in metrics.items() if k not in ("epoch", "step")}, epoch)
         tracker.flush()
         history.append(metrics)
@@ -400,7 +404,7 @@ def train_worker(config: dict, context: WorkerContext | None = None) -> dict:
             break
         if stop:
             break
-    return {"history": history, "best_epoch": best_epoch, "best_val_loss": best_val}
+    return {"history": history, "best_epoch": best_epoch, "best_score": sign * best_val, "monitor": cfg.monitor}
 
 
 def _follower_hook(metrics: dict, epoch: int) -> bool:
@@ -419,5 +423,6 @@ def _broadcast_flag(flag: bool, world_size: int) -> bool:
 
 def run_local(config: dict, storage: str | Path) -> tuple[dict, LocalContext]:
     """Run :func:`train_worker` in this process (world size 1), checkpoints under ``storage``."""
-    ctx = LocalContext(storage)
+    cfg = from_dict(TrainConfig, config["train"])
+    ctx = LocalContext(storage, score=cfg.monitor, mode=cfg.monitor_mode)
     return train_worker(config, ctx), ctx

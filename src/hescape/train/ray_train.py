@@ -68,14 +68,14 @@ def fit(worker_config: dict, cfg: TrainConfig, *, name: str) -> FitResult:
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # Ray always keeps the latest checkpoint too, so resume-after-failure still works.
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
-                                               checkpoint_score_order="min"),
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.monitor,
+                                               checkpoint_score_order=cfg.monitor_mode),
         ),
     )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    best = result.get_best_checkpoint(metric="val_loss", mode="min") if result.best_checkpoints else None
+    best = result.get_best_checkpoint(metric=cfg.monitor, mode=cfg.monitor_mode) if result.best_checkpoints else None
     best_metrics = None
     for ckpt, metrics in result.best_checkpoints or []:
         if best is not None and ckpt.path == best.path:

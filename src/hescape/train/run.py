@@ -172,6 +172,8 @@ def train_run(panel_dir: str | Path, params: dict, *, local: bool = False, progr
             raise RuntimeError("training produced no checkpoint")
         info = json.loads((best / "checkpoint.json").read_text())
         client.log_metric(run_id, "best_val_loss", info["metrics"]["val_loss"])
+        client.log_metric(run_id, "best_score", info["metrics"][cfg.monitor])
+        client.set_tag(run_id, "hescape.monitor", cfg.monitor)
         client.log_metric(run_id, "best_epoch", info["epoch"])
         client.log_artifacts(run_id, str(best), artifact_path="checkpoints/best")
         if latest is not None:
