@@ -103,7 +103,7 @@ def pretrain(dataset: Input[Dataset], shards: Input[Dataset], execution_mode: st
                            "experiment_id": run["experiment_id"], "checkpoint_uri": run["checkpoint_uri"],
                            "image_encoder": image_encoder, "gene_encoder": gene_encoder, "loss": loss,
                            "strategy": strategy, "shards": shards.metadata.get("shards_dir", "")})
-    for name in ("best_val_loss", "best_epoch"):
+    for name in ("best_val_loss", "best_score", "best_epoch"):
         if name in run["metrics"]:
             metrics.log_metric(name, float(run["metrics"][name]))
     print(f"MLflow run {run['run_id']} ({run['run_name']}), best checkpoint {run['checkpoint_uri']}")

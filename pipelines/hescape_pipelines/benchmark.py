@@ -96,10 +96,12 @@ def build_pipeline(cfg: PipelineConfig, *, image: str | None = None, panel_dvc_h
     @dsl.pipeline(name=RUNS_PIPELINE_NAME, description="curate, preprocess, the grid's runs, report, register")
     def benchmark_runs(panel: str, panel_dvc_hash: str, execution_mode: str, params_file: str, experiment: str,
                        train_overrides: str, evaluate_overrides: str, report_overrides: str, tune_trials: int,
-                       in_process: bool, select_metric: str, select_direction: str, report_dir: str,
-                       pipeline_run: str, namespace: str,
+                       in_process: bool, select_metric: str, select_direction: str, report_dir: str, namespace: str,
                        rayjob_template: str, ray_image: str, worker_replicas: int, gpus_per_worker: int,
                        rayjob_timeout_s: int, cluster_overrides: str) -> str:
+        # The run's id as each step sees it (a placeholder resolved by the step's launcher), the label
+        # of its RayJobs and a tag of its MLflow runs.
+        pipeline_run = dsl.PIPELINE_JOB_ID_PLACEHOLDER
         cluster = {"pipeline_run": pipeline_run, "namespace": namespace, "rayjob_template": rayjob_template,
                    "ray_image": ray_image, "worker_replicas": worker_replicas, "gpus_per_worker": gpus_per_worker,
                    "rayjob_timeout_s": rayjob_timeout_s, "cluster_overrides": cluster_overrides}
@@ -160,8 +162,7 @@ def build_pipeline(cfg: PipelineConfig, *, image: str | None = None, panel_dvc_h
                            params_file=params_file, experiment=experiment, train_overrides=train_overrides,
                            evaluate_overrides=evaluate_overrides, report_overrides=report_overrides,
                            tune_trials=tune_trials, in_process=in_process, select_metric=select_metric,
-                           select_direction=select_direction, report_dir=report_dir,
-                           pipeline_run=dsl.PIPELINE_JOB_ID_PLACEHOLDER, namespace=namespace,
+                           select_direction=select_direction, report_dir=report_dir, namespace=namespace,
                            rayjob_template=rayjob_template, ray_image=ray_image, worker_replicas=worker_replicas,
                            gpus_per_worker=gpus_per_worker, rayjob_timeout_s=rayjob_timeout_s,
                            cluster_overrides=cluster_overrides)
