@@ -30,7 +30,7 @@ $(STAMP): requirements/constraints.txt pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-run: setup  ## the main job: simulate a panel, version it with DVC, print its summary
+run: setup  ## the main job: the benchmark pipeline (curate with DVC, train, evaluate, report, register) via kfp.local
 	$(BIN)/python -m hescape.main_job
 
 test: setup  ## the whole test suite (CI runs this)
