@@ -214,6 +214,26 @@ wait_http "http://localhost:${MLFLOW_PORT}/health" 120
 
 # 8. Submit ------------------------------------------------------------------------------------
 if [[ "$SKIP_SUBMIT" != "1" ]]; then
+  # Step pods have no checkout: they fetch the panel by its DVC hash from the cluster's S3, so the
+  # panel goes there first (credentials from the Secret, only in this process's environment).
+  step "dvc push the panel to the cluster's object store"
+  start_port_forward s3 "$NAMESPACE" svc/hescape-s3 "8333:8333"
+  "$PY" -c 'import socket, sys, time
+deadline = time.time() + 60
+while socket.socket().connect_ex(("127.0.0.1", 8333)) != 0:
+    if time.time() > deadline:
+        sys.exit("no answer from the S3 port-forward on localhost:8333")
+    time.sleep(1)' || die "S3 port-forward did not come up (see $STATE_DIR/port-forward-s3.log)"
+  (
+    export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY
+    AWS_ACCESS_KEY_ID=$(k -n "$NAMESPACE" get secret hescape-s3 -o jsonpath='{.data.AWS_ACCESS_KEY_ID}' | base64 -d)
+    AWS_SECRET_ACCESS_KEY=$(k -n "$NAMESPACE" get secret hescape-s3 -o jsonpath='{.data.AWS_SECRET_ACCESS_KEY}' | base64 -d)
+    cd "$REPO"
+    PATH="$REPO/.venv/bin:$PATH" dvc repro
+    HESCAPE_S3_BUCKET=dvc HESCAPE_S3_PREFIX=hescape HESCAPE_S3_ENDPOINT=http://localhost:8333 \
+      "$HESCAPE" data s3-remote
+    PATH="$REPO/.venv/bin:$PATH" dvc push -r s3
+  )
   step "hescape pipeline submit"
   # What the pipeline needs to know about this cluster (read by `hescape pipeline submit`).
   export HESCAPE_COMPONENT_IMAGE="$COMPONENT_IMAGE"

@@ -142,7 +142,7 @@ def test_repository_pipeline_files(hermetic_env):
     config = versioning.run_dvc(["config", "--list", "--project"], repo=REPO).stdout.splitlines()
     assert "core.remote=local" in config and "core.analytics=false" in config
     assert f"remote.local.url={REPO / '.dvcstore'}" in config
-    assert "remote.s3.url=s3://hescape-data/dvc" in config
+    assert "remote.s3.url=s3://dvc/hescape" in config
     assert not any("secret" in line or "access_key" in line for line in config)
     ignored = subprocess.run(["git", "check-ignore", "-q", ".dvcstore/files"], cwd=REPO, check=False)
     assert ignored.returncode == 0, ".dvcstore/ (the local remote) must be git-ignored"
