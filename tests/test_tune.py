@@ -186,9 +186,21 @@ def tune_cmd(env: dict, name: str, storage: str, params: dict, *extra: str) -> l
             "--storage", storage, "--params", str(path), "--local", *extra]
 
 
-def start(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=env["root"], env=env["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+@pytest.fixture
+def start(tune_env):
+    """``start(cmd)`` runs a ``hescape tune`` process; any still running when the test ends is killed."""
+    procs = []
+
+    def run(cmd: list[str], env: dict) -> subprocess.Popen:
+        procs.append(subprocess.Popen(cmd, cwd=env["root"], env=env["env"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+        return procs[-1]
+
+    yield run
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def load(name: str, storage):
@@ -217,13 +229,18 @@ def wait_until(proc: subprocess.Popen, predicate, timeout: float = 180.0) -> Non
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240.0) -> str:
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave a process behind
+        out, _ = proc.communicate()
+        raise AssertionError(f"hescape tune did not finish in {timeout} s:\n{out[-4000:]}") from None
     assert proc.returncode == 0, out[-4000:]
     return out
 
 
 @pytest.mark.slow
-def test_resume_after_interruption(tune_env):
+def test_resume_after_interruption(tune_env, start):
     """Ctrl-C, then a hard kill mid-trial, then the same command again: the study reaches its total."""
     name, total = "resume", 4
     storage = rdb(tune_env, name)
@@ -297,7 +314,7 @@ def test_resume_after_interruption(tune_env):
 
 
 @pytest.mark.slow
-def test_two_processes_share_one_study(tune_env):
+def test_two_processes_share_one_study(tune_env, start):
     name, total = "shared", 4
     storage = rdb(tune_env, name)
     # Longer trials without pruning, so that neither process finishes the study before the other starts.
