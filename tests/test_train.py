@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,6 +196,16 @@ def _ray_train_workers(root_pid: int) -> list:
     return out
 
 
+def _registered_checkpoint(storage: Path) -> bool:
+    for snapshot in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (OSError, json.JSONDecodeError):  # being rewritten right now
+            pass
+    return False
+
+
 @pytest.mark.slow
 def test_resume_after_a_killed_worker(tiny_panel_dir, workdir):
     """Kill one Ray Train worker process mid-run: Ray restarts the worker group, the loop resumes
@@ -205,29 +216,34 @@ def test_resume_after_a_killed_worker(tiny_panel_dir, workdir):
     params = base_params(workdir, epochs=epochs, feature_cache=False, augment=True, patience=100)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "hescape.cli", "train", "--panel", str(tiny_panel_dir),
-                             "--params", "params.yaml", "--no-progress"], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     killed = None
     deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            checkpoints = list((workdir / "ray").glob("*/checkpoint_*"))
-            workers = _ray_train_workers(proc.pid)
-            if checkpoints and workers and killed is None:
-                killed = workers[-1].pid
-                os.kill(killed, signal.SIGKILL)
-            time.sleep(0.2)
-        out, _ = proc.communicate(timeout=max(1, deadline - time.time()))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert killed is not None, "no worker was killed: the run ended before its first checkpoint"
+    with open(workdir / "train.log", "w") as log:  # Ray's own messages; stdout ends with the run id
+        proc = subprocess.Popen([sys.executable, "-m", "hescape.cli", "train", "--panel", str(tiny_panel_dir),
+                                 "--params", "params.yaml", "--no-progress"], cwd=workdir, env=env,
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                workers = _ray_train_workers(proc.pid)
+                # Kill once Ray's controller has registered a checkpoint (its snapshot names one): a
+                # checkpoint directory alone is not enough, since results a worker reported but the
+                # controller has not polled yet die with the worker group.
+                if killed is None and workers and _registered_checkpoint(workdir / "ray"):
+                    killed = workers[-1].pid
+                    os.kill(killed, signal.SIGKILL)
+                time.sleep(0.2)
+            out, _ = proc.communicate(timeout=max(1, deadline - time.time()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out += (workdir / "train.log").read_text()[-4000:]
+    assert killed is not None, "no worker was killed: the run ended before Ray registered a checkpoint"
     assert proc.returncode == 0, out[-4000:]
-    run_id = out.strip().splitlines()[-1]
+    run_id = re.findall(r"^[0-9a-f]{32}$", out, flags=re.MULTILINE)[-1]
     client = mlflow_client()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
+    assert "resumed_from_epoch" in run.data.tags, out[-4000:]
     resumed = int(run.data.tags["resumed_from_epoch"])
     assert 0 <= resumed < epochs - 1
     epochs_logged = sorted({m.step for m in client.get_metric_history(run_id, "val_loss")})

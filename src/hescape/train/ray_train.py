@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,13 @@ def fit(worker_config: dict, cfg: TrainConfig, *, name: str) -> FitResult:
                                                checkpoint_score_order=cfg.monitor_mode),
         ),
     )
-    result = trainer.fit()
+    # Ray Train installs its own SIGINT handler during fit() and leaves it in place; put ours back so
+    # that Ctrl-C after training (or between tuning trials) behaves as the caller set it up.
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)
     if result.error is not None:
         raise result.error
     best = result.get_best_checkpoint(metric=cfg.monitor, mode=cfg.monitor_mode) if result.best_checkpoints else None
