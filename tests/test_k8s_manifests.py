@@ -9,6 +9,9 @@
   them); skipped with the reason when that folder is absent.
 - Policy: requests and limits and a locked-down security context on every container, Secrets only
   by reference, references that resolve, network policies, RBAC for RayJobs, GPU settings.
+- The RayJobs' shared data volume: PVC ``hescape-data`` with the access mode of each overlay
+  (ReadWriteMany, ReadWriteOnce on one-node kind), mounted writable at /app/data by the head and
+  every worker pod template.
 """
 
 from __future__ import annotations
@@ -42,6 +45,15 @@ TARGETS = {
 }
 PLATFORM_TARGETS = ["base", "kind", "gpu"]
 RAY_KINDS = {"RayJob", "RayCluster"}
+# The RayJobs' shared data volume (k8s/base/data-volume.yaml): claim, mount path, access mode and
+# storage class per target (None: the cluster's default class; "any": some class must be named).
+DATA_CLAIM = "hescape-data"
+DATA_MOUNT = "/app/data"
+DATA_VOLUME = {
+    "base": (["ReadWriteMany"], None),
+    "kind": (["ReadWriteOnce"], "standard"),
+    "gpu": (["ReadWriteMany"], "any"),
+}
 # Built-in objects of the platform that have no namespace.
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
@@ -627,3 +639,111 @@ def test_pipeline_script_pins_versions():
     assert "apply -k k8s/overlays/kind" in text
     assert "kind load docker-image" in text
     assert "pipeline submit --host" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# The shared data volume of the RayJobs
+# ------------------------------------------------------------------------------------------------
+
+_BINARY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _bytes(quantity: str) -> int:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)", quantity)
+    assert match, f"storage request {quantity!r}: use a binary suffix (Ki, Mi, Gi, Ti)"
+    return int(match.group(1)) * _BINARY_SUFFIXES[match.group(2)]
+
+
+def _data_claim(target: str) -> dict:
+    claims = by_kind(render(target), "PersistentVolumeClaim")
+    assert DATA_CLAIM in claims, f"{target} renders no PersistentVolumeClaim {DATA_CLAIM}"
+    return claims[DATA_CLAIM]
+
+
+@pytest.mark.parametrize("target", PLATFORM_TARGETS)
+def test_shared_data_volume_has_the_access_mode_of_each_overlay(target):
+    claim = _data_claim(target)
+    spec = claim["spec"]
+    modes, storage_class = DATA_VOLUME[target]
+    assert spec["accessModes"] == modes, f"{target}: {spec['accessModes']}"
+    assert spec.get("volumeMode", "Filesystem") == "Filesystem", "Ray pods mount it as a directory"
+    if storage_class is None:
+        assert "storageClassName" not in spec, f"{target}: the base leaves the class to the cluster's default"
+    elif storage_class == "any":
+        assert spec.get("storageClassName"), f"{target}: name the cluster's ReadWriteMany storage class"
+    else:
+        assert spec.get("storageClassName") == storage_class, f"{target}: {spec.get('storageClassName')!r}"
+    assert _bytes(spec["resources"]["requests"]["storage"]) >= 2**30
+    if "ReadWriteOnce" in modes:
+        # RWO is one node's: only where every RayJob pod runs on the one node of the cluster.
+        config = yaml.safe_load((K8S / "kind-cluster.yaml").read_text())
+        assert len(config["nodes"]) == 1, "ReadWriteOnce shared data needs a single-node cluster"
+    if target == "kind":
+        assert (_bytes(spec["resources"]["requests"]["storage"])
+                < _bytes(_data_claim("base")["spec"]["resources"]["requests"]["storage"])), "laptop size"
+
+
+def _ray_data_problems(job: dict, claims: dict[str, dict]) -> list[str]:
+    """Why the head or a worker pod template of ``job`` does not mount the shared data volume
+    writable at /app/data (empty: they all do)."""
+    problems = []
+    for where, _, pod in pod_specs(job):
+        if "submitter" in where:
+            continue  # the submitter only calls the head's job API
+        volumes = [v for v in pod.get("volumes", [])
+                   if (v.get("persistentVolumeClaim") or {}).get("claimName") == DATA_CLAIM]
+        if len(volumes) != 1:
+            problems.append(f"{where}: {len(volumes)} volumes of claim {DATA_CLAIM} (want 1)")
+            continue
+        if volumes[0]["persistentVolumeClaim"].get("readOnly"):
+            problems.append(f"{where}: claim {DATA_CLAIM} mounted read-only")
+        if DATA_CLAIM not in claims:
+            problems.append(f"{where}: claim {DATA_CLAIM} is not rendered")
+        ray = pod["containers"][0]
+        mounts = [m for m in ray.get("volumeMounts", []) if m["name"] == volumes[0]["name"]]
+        if [m["mountPath"] for m in mounts] != [DATA_MOUNT]:
+            problems.append(f"{where}: container {ray['name']} mounts the data volume at "
+                            f"{[m['mountPath'] for m in mounts]} (want [{DATA_MOUNT!r}])")
+        elif mounts[0].get("readOnly") or mounts[0].get("subPath"):
+            problems.append(f"{where}: {DATA_MOUNT} must be the whole volume, writable")
+        others = [m for c in containers(pod) for m in c.get("volumeMounts", [])
+                  if m["name"] != volumes[0]["name"] and (m["mountPath"] + "/").startswith(DATA_MOUNT + "/")]
+        if others:
+            problems.append(f"{where}: other volumes over {DATA_MOUNT}: {others}")
+        # Writable by the non-root Ray user: the volume's group (fsGroup) is the user's group.
+        sc = pod.get("securityContext", {})
+        if sc.get("fsGroup") is None or sc.get("fsGroup") != sc.get("runAsGroup"):
+            problems.append(f"{where}: fsGroup {sc.get('fsGroup')!r} is not the Ray user's group "
+                            f"{sc.get('runAsGroup')!r}")
+    return problems
+
+
+@pytest.mark.parametrize("target", list(TARGETS) + ["raw file"])
+def test_every_ray_head_and_worker_mounts_the_shared_data_volume(target):
+    if target == "raw file":
+        jobs = [raw_rayjob_template()]
+        claims = by_kind(render("base"), "PersistentVolumeClaim")
+    else:
+        docs = render(target)
+        jobs = [d for d in docs if d["kind"] == "RayJob"]
+        # The standalone template is applied with the base, which holds the claim.
+        claims = by_kind(docs if target in PLATFORM_TARGETS else render("base"), "PersistentVolumeClaim")
+    assert jobs, f"{target} renders no RayJob"
+    for job in jobs:
+        cluster = job["spec"]["rayClusterSpec"]
+        assert cluster["workerGroupSpecs"], f"{name_of(job)}: no worker group"
+        problems = _ray_data_problems(job, claims)
+        assert not problems, "\n".join(problems)
+
+
+def test_shared_data_volume_check_is_not_vacuous():
+    job = raw_rayjob_template()
+    claims = by_kind(render("base"), "PersistentVolumeClaim")
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    worker["containers"][0]["volumeMounts"] = [m for m in worker["containers"][0]["volumeMounts"]
+                                               if m["mountPath"] != DATA_MOUNT]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    head["volumes"] = [v for v in head["volumes"] if "persistentVolumeClaim" not in v]
+    problems = _ray_data_problems(job, claims)
+    assert any("worker group" in p and "mounts the data volume at []" in p for p in problems), problems
+    assert any("head" in p and "0 volumes of claim" in p for p in problems), problems

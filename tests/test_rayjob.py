@@ -9,6 +9,9 @@
   with ``create_autospec`` of the real client classes so every call matches their signatures.
   Everything else is real: the template file, the hescape CLI parser that checks the entrypoints,
   MLflow on SQLite for the run id hand-over.
+- Cluster-mode commands keep every file that other pods of the RayJob open (panel, shards, feature
+  cache, Ray Train storage) on the shared data volume that the template mounts at /app/data,
+  unless a ``pipeline.cluster_overrides`` entry sets the same key; local mode is unchanged.
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ from kubernetes.client.exceptions import ApiException
 from test_k8s_manifests import KUBERNETES_VERSION, _crd_errors, _crd_validators
 
 from hescape.cli import build_parser
+from hescape.config import apply_overrides, load_params
 from hescape.orchestration import rayjob, steps
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_FILE = REPO / "k8s" / "rayjob" / "rayjob-template.yaml"
 RUN_ID = "0123456789abcdef0123456789abcdef"
+PARAMS_FILE = REPO / "params.yaml"
+SHARED = {"preprocess.out_dir": "/app/data/shards", "train.cache_dir": "/app/data/cache",
+          "train.storage_path": "/app/data/ray"}
 
 
 @pytest.fixture(scope="module")
@@ -421,7 +428,9 @@ def test_pretrain_in_cluster_mode_runs_the_train_cli_in_a_rayjob(mlflow_store, h
     assert fetch == ["pipeline", "fetch-panel", "--hash", "abc123.dir", "--out", "/app/data/panels/tiny"]
     args = parser.parse_args(train)
     assert args.command == "train" and args.panel == "/app/data/panels/tiny" and args.params == "/app/params.yaml"
-    assert args.overrides == ["train.storage_path=s3://ray/hescape", *overrides]
+    # The shared-volume defaults, except the key the cluster override sets, then the run's own.
+    assert args.overrides == ["preprocess.out_dir=/app/data/shards", "train.cache_dir=/app/data/cache",
+                              "train.storage_path=s3://ray/hescape", *overrides]
     assert args.run_name.startswith("mlp-efficientnet_lite0-siglip-frozen-s42-")
     parser.parse_args(fetch)  # a valid command line of the same CLI
     job = kube.created[0]
@@ -442,8 +451,9 @@ def test_evaluate_in_cluster_mode_fetches_the_same_panel_path_and_surfaces_failu
                        cluster=cluster_settings(kube))
     fetch, evaluate = cli_commands(kube.created[0]["spec"]["entrypoint"])
     assert fetch[-1] == "/app/data/panels/tiny", "the path the training job recorded"
-    assert evaluate == ["evaluate", "--run", run_id, "--params", "/app/params.yaml", "--set",
-                        "train.storage_path=s3://ray/hescape"]
+    assert evaluate == ["evaluate", "--run", run_id, "--params", "/app/params.yaml",
+                        "--set", "preprocess.out_dir=/app/data/shards", "--set", "train.cache_dir=/app/data/cache",
+                        "--set", "train.storage_path=s3://ray/hescape"]
     assert parser.parse_args(evaluate).command == "evaluate"
     assert kube.deleted == [kube.created[0]["metadata"]["name"]]
 
@@ -453,3 +463,109 @@ def test_cluster_mode_needs_the_panel_hash(mlflow_store):
     with pytest.raises(Exception, match="panel_dvc_hash"):
         steps.pretrain("data/panels/tiny", [], mode="cluster", dvc_hash="", cluster=cluster_settings(kube))
     assert not kube.created
+
+
+# ------------------------------------------------------------------------------------------------
+# The shared data volume: where cluster-mode commands keep the files every pod of the RayJob opens
+# ------------------------------------------------------------------------------------------------
+
+def effective(overrides: list[str]) -> dict[str, object]:
+    """The values of the shared-volume keys after ``overrides`` on the repository's params.yaml, as
+    the CLI in the RayJob resolves them."""
+    params = apply_overrides(load_params(str(PARAMS_FILE)), overrides)
+    return {key: params[key.split(".")[0]][key.split(".")[1]] for key in SHARED}
+
+
+def data_mounts() -> list[tuple[str, str]]:
+    """``(pod, mount path of the hescape-data claim)`` of the template's head and worker pods."""
+    found = []
+    for role, pod in pod_templates(template()):
+        if role == "submitter":
+            continue
+        names = {v["name"] for v in pod["spec"].get("volumes", [])
+                 if (v.get("persistentVolumeClaim") or {}).get("claimName") == "hescape-data"}
+        found += [(role, m["mountPath"]) for m in pod["spec"]["containers"][0].get("volumeMounts", [])
+                  if m["name"] in names]
+    return found
+
+
+def test_cluster_paths_lie_on_the_volume_every_ray_pod_mounts():
+    mounts = data_mounts()
+    assert {role for role, _ in mounts} == {"head", "worker"}
+    assert {path for _, path in mounts} == {steps.CLUSTER_DATA_ROOT} == {"/app/data"}
+    assert dict(item.split("=", 1) for item in steps.CLUSTER_SHARED_OVERRIDES) == SHARED
+    for path in [steps.CLUSTER_PANEL_ROOT, steps.cluster_panel_path("data/panels/tiny"), *SHARED.values()]:
+        assert path.startswith(steps.CLUSTER_DATA_ROOT + "/"), path
+    # Distinct directories: the shards, the features and the checkpoints never land in a panel.
+    assert len({steps.CLUSTER_PANEL_ROOT, *SHARED.values()}) == 4
+    # params.yaml's own defaults are relative paths (local runs): without the overrides each pod
+    # would write its own copy.
+    local = effective([])
+    assert all(not str(local[key]).startswith("/") for key in SHARED), local
+
+
+def test_cluster_overrides_put_files_on_the_shared_volume_and_explicit_overrides_win():
+    assert steps.cluster_overrides([], None) == list(steps.CLUSTER_SHARED_OVERRIDES)
+    assert effective(steps.cluster_overrides()) == SHARED
+    mine = ["train.cache_dir=/app/data/cache-big", "train.epochs=3"]
+    merged = steps.cluster_overrides(mine, ["train.loss=siglip"])
+    assert merged == ["preprocess.out_dir=/app/data/shards", "train.storage_path=/app/data/ray", *mine,
+                      "train.loss=siglip"]
+    assert effective(merged) == {**SHARED, "train.cache_dir": "/app/data/cache-big"}
+    # A step override of the same key wins too (it comes last).
+    merged = steps.cluster_overrides(mine, ["train.cache_dir=/app/data/cache-step"])
+    assert effective(merged)["train.cache_dir"] == "/app/data/cache-step"
+
+
+@pytest.mark.parametrize("user", [[], ["train.storage_path=/app/data/ray-team", " train.cache_dir = /app/data/c2"]])
+def test_cluster_train_entrypoint_carries_the_shared_volume_overrides(mlflow_store, user):
+    parser = build_parser()
+    kube = FakeKube([("Complete", "SUCCEEDED")], logs={"ray-job-submitter": RUN_ID})
+
+    def job_runs(body):
+        kube.logs["ray-job-submitter"] = _mlflow_run(parser.parse_args(cli_commands(body["spec"]["entrypoint"])[-1])
+                                                     .run_name)
+
+    kube.on_create = job_runs
+    cluster = cluster_settings(kube)
+    cluster.overrides = list(user)
+    grid = steps.grid_overrides("efficientnet_lite0", "mlp", "clip", "frozen")
+    steps.pretrain("data/panels/tiny", grid, mode="cluster", dvc_hash="abc123.dir", cluster=cluster)
+    fetch, train = cli_commands(kube.created[0]["spec"]["entrypoint"])
+    assert fetch[fetch.index("--out") + 1].startswith("/app/data/panels/"), "the panel lands on the volume"
+    args = parser.parse_args(train)
+    expected = dict(SHARED)
+    for item in user:
+        key, value = item.split("=", 1)
+        expected[key.strip()] = value.strip()
+    got = effective(args.overrides)
+    assert got == expected, "defaults on the shared volume; pipeline.cluster_overrides wins"
+    assert args.overrides[-len(grid):] == grid, "the run's own overrides come last"
+
+
+def test_cluster_tune_and_evaluate_entrypoints_carry_the_shared_volume_overrides(mlflow_store):
+    parser = build_parser()
+    kube = FakeKube([("Complete", "SUCCEEDED")] * 2,
+                    logs={"ray-job-submitter": f"{steps.BEST_PARAMS_BEGIN}\ntemperature: 0.05\n{steps.BEST_PARAMS_END}"})
+    cluster = cluster_settings(kube)
+    cluster.overrides = []
+    best = steps.tune("data/panels/tiny", study="s1", trials=2, mode="cluster", dvc_hash="abc123.dir",
+                      cluster=cluster)
+    assert best == ["train.temperature=0.05"]
+    steps.evaluate(_mlflow_run(), mode="cluster", panel="data/panels/tiny", dvc_hash="abc123.dir",
+                   overrides=["evaluate.checkpoints=[best]"], cluster=cluster)
+    tune_cmd = cli_commands(kube.created[0]["spec"]["entrypoint"])[1]
+    evaluate_cmd = cli_commands(kube.created[1]["spec"]["entrypoint"])[1]
+    for command in (tune_cmd, evaluate_cmd):
+        args = parser.parse_args(command)
+        assert effective(args.overrides) == SHARED, command
+    assert parser.parse_args(evaluate_cmd).overrides[-1] == "evaluate.checkpoints=[best]"
+
+
+def test_local_mode_is_unchanged(mlflow_store, monkeypatch):
+    calls = []
+    monkeypatch.setattr(steps, "_cli", lambda args: calls.append(list(args)))
+    run_id = _mlflow_run()
+    steps.evaluate(run_id, mode="local", overrides=["evaluate.checkpoints=[best]"])
+    assert calls == [["evaluate", "--run", run_id, "--set", "evaluate.checkpoints=[best]"]]
+    assert not any("/app/data" in arg for call in calls for arg in call)

@@ -52,7 +52,10 @@ class PipelineConfig:
         ``--set`` overrides of every ``hescape evaluate`` / ``hescape report`` of the pipeline
         (e.g. ``evaluate.checkpoints=[best]`` for a quicker local run).
     cluster_overrides
-        Extra overrides of cluster runs only (e.g. shared ``train.storage_path`` for multi-node Ray).
+        Extra overrides of cluster runs only. Cluster runs already keep the shards, the feature
+        cache and Ray Train's storage on the RayJob's shared volume (``/app/data``; see
+        ``steps.CLUSTER_SHARED_OVERRIDES``); an override here of the same key wins (it must name a
+        path that every pod of the RayJob sees).
     select_metric, select_direction
         How the register step chooses the best run (``max``/``min``); runs without the metric fall
         back to the lowest ``best_val_loss``.

@@ -11,6 +11,11 @@ is compiled): it writes a one-output ``.dvc`` file into an empty ``dvc init --no
 whose default remote is the cluster's (``$DVC_REMOTE_URL`` and ``$S3_ENDPOINT_URL`` of ConfigMap
 ``hescape-config``) and runs ``dvc pull``. Only DVC's command line and documented file formats are
 used.
+
+In the cluster, every RayJob fetches into the same directory of the shared data volume
+(``/app/data/panels/<name>``, PVC ``hescape-data``), and the jobs of one pipeline run may start at
+once: each fetch works in its own throw-away project, a version already there (or put there by a
+concurrent fetch meanwhile) is kept as it is, and only a missing or other version is replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -129,7 +136,8 @@ def fetch_panel(dvc_hash: str, out: str | os.PathLike, *, remote_url: str | None
         The DVC remote (``s3://bucket/prefix``, a local directory, ...) and an S3 endpoint; default
         :func:`remote_from_env`.
     workdir
-        Where the throw-away DVC project lives (default: ``<out>.dvc-fetch`` beside ``out``).
+        Where the throw-away DVC project lives (default: ``<out>.dvc-fetch-<random>`` beside ``out``);
+        removed afterwards, also when the fetch fails.
     """
     if not dvc_hash or not dvc_hash.endswith(".dir"):
         raise ConfigError(f"fetch_panel: expected a DVC directory hash '<md5>.dir', got {dvc_hash!r}")
@@ -138,27 +146,57 @@ def fetch_panel(dvc_hash: str, out: str | os.PathLike, *, remote_url: str | None
         endpoint = endpoint or env_endpoint
     out = Path(out).resolve()
     marker = out.with_name(out.name + ".dvc-hash")  # beside the panel: the panel holds only its own files
-    if out.is_dir() and marker.is_file() and marker.read_text().strip() == dvc_hash:
+    if _holds(out, marker, dvc_hash):
         log.info("panel %s already holds %s", out, dvc_hash)
         return out
-    project = Path(workdir) if workdir is not None else out.with_name(out.name + ".dvc-fetch")
+    # Its own project per fetch (several RayJobs may fetch into one shared volume at once).
+    project = (Path(workdir) if workdir is not None
+               else out.with_name(f"{out.name}.dvc-fetch-{uuid.uuid4().hex[:12]}"))
     if project.exists():
         shutil.rmtree(project)
     project.mkdir(parents=True)
-    if "://" not in remote_url:
-        remote_url = str(Path(remote_url).resolve())
-    versioning.run_dvc(["init", "--no-scm", "-q"], repo=project, timeout=timeout)
-    versioning.run_dvc(["remote", "add", "-d", REMOTE_NAME, remote_url], repo=project, timeout=timeout)
-    if endpoint:
-        versioning.run_dvc(["remote", "modify", REMOTE_NAME, "endpointurl", endpoint], repo=project, timeout=timeout)
-    name = "panel"
-    (project / f"{name}.dvc").write_text(yaml.safe_dump({"outs": [{"md5": dvc_hash, "path": name, "hash": "md5"}]}))
-    versioning.run_dvc(["pull", f"{name}.dvc"], repo=project, timeout=timeout)
-    # A copy (not DVC's link into its cache) so that the throw-away project and its cache can go.
-    with atomic_dir(out, overwrite=True) as tmp:
-        shutil.copytree(project / name, tmp, dirs_exist_ok=True)
-    with atomic_file(marker) as fh:
-        fh.write(dvc_hash + "\n")
-    shutil.rmtree(project, ignore_errors=True)
+    try:
+        if "://" not in remote_url:
+            remote_url = str(Path(remote_url).resolve())
+        versioning.run_dvc(["init", "--no-scm", "-q"], repo=project, timeout=timeout)
+        versioning.run_dvc(["remote", "add", "-d", REMOTE_NAME, remote_url], repo=project, timeout=timeout)
+        if endpoint:
+            versioning.run_dvc(["remote", "modify", REMOTE_NAME, "endpointurl", endpoint], repo=project,
+                               timeout=timeout)
+        name = "panel"
+        (project / f"{name}.dvc").write_text(yaml.safe_dump({"outs": [{"md5": dvc_hash, "path": name,
+                                                                        "hash": "md5"}]}))
+        versioning.run_dvc(["pull", f"{name}.dvc"], repo=project, timeout=timeout)
+        if _holds(out, marker, dvc_hash):  # a concurrent fetch of the same version finished first
+            log.info("panel %s: %s arrived meanwhile; keeping it", out, dvc_hash)
+            return out
+        try:
+            # A copy (not DVC's link into its cache) so that the throw-away project and its cache can go.
+            with atomic_dir(out, overwrite=True) as tmp:
+                shutil.copytree(project / name, tmp, dirs_exist_ok=True)
+        except OSError:
+            # Lost a race with a concurrent fetch for the directory: fine if it brought this version.
+            if _holds(out, marker, dvc_hash, wait_s=10.0):
+                return out
+            raise
+        with atomic_file(marker) as fh:
+            fh.write(dvc_hash + "\n")
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
     log.info("fetched panel %s into %s", dvc_hash, out)
     return out
+
+
+def _holds(out: Path, marker: Path, dvc_hash: str, *, wait_s: float = 0.0) -> bool:
+    """Whether ``out`` is a panel directory whose marker names ``dvc_hash`` (waiting up to ``wait_s``
+    seconds for the marker a concurrent fetch writes right after its directory)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if out.is_dir() and marker.read_text().strip() == dvc_hash:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)

@@ -6,6 +6,13 @@ pretrain, evaluate) as a KubeRay RayJob that executes the same ``hescape`` CLI, 
 deadline and always deletes it. Light steps (curate, preprocess, report, register) run where the
 component runs. Results come back as plain dicts, which the components turn into KFP artifacts.
 
+Every RayJob's head and worker pods mount the shared data volume (PVC ``hescape-data`` of
+``k8s/base``) at :data:`CLUSTER_DATA_ROOT`, and cluster-mode commands keep all their files there
+(:data:`CLUSTER_SHARED_OVERRIDES`, unless an override of the run sets the same key): the fetched
+panel, the shards, the frozen-feature cache and Ray Train's storage, which the Ray Train workers on
+other pods open by the same absolute paths (they are also what ``checkpoint.json`` records for the
+evaluation job).
+
 MLflow is the hand-over between steps: pretrain returns the run id (read from the job's output in
 cluster mode, the CLI's last line), evaluate logs its metrics to that run, report and register
 read the runs.
@@ -29,10 +36,20 @@ log = logging.getLogger(__name__)
 LOCAL, CLUSTER = "local", "cluster"
 MODES = (LOCAL, CLUSTER)
 
-# Inside the Ray images: the working directory, its params.yaml, where the panels are fetched to.
+# Inside the Ray images: the working directory, its params.yaml.
 CLUSTER_APP_DIR = "/app"
 CLUSTER_PARAMS_FILE = "/app/params.yaml"
-CLUSTER_PANEL_ROOT = "/app/data/panels"
+# The shared data volume of every RayJob pod (PVC hescape-data, k8s/rayjob/rayjob-template.yaml):
+# where the panels are fetched to, and the defaults of every path a cluster-mode command writes
+# that other pods read (Ray Train workers open the shards and the feature cache, and write
+# checkpoints to the storage path).
+CLUSTER_DATA_ROOT = "/app/data"
+CLUSTER_PANEL_ROOT = f"{CLUSTER_DATA_ROOT}/panels"
+CLUSTER_SHARED_OVERRIDES = (
+    f"preprocess.out_dir={CLUSTER_DATA_ROOT}/shards",
+    f"train.cache_dir={CLUSTER_DATA_ROOT}/cache",
+    f"train.storage_path={CLUSTER_DATA_ROOT}/ray",
+)
 
 TAG_PIPELINE_RUN = "hescape.pipeline_run"
 CHAMPION_ALIAS = "champion"
@@ -116,6 +133,8 @@ def _mlflow_client():
 class ClusterSettings:
     """How cluster-mode steps run their RayJob (pipeline parameters; ``""``/``-1`` keep the template's).
 
+    ``overrides`` (``pipeline.cluster_overrides``) apply to every cluster-mode command, after
+    :data:`CLUSTER_SHARED_OVERRIDES`, which they can replace key by key.
     ``custom_api``/``core_api`` are Kubernetes API clients (default: from the service account).
     """
 
@@ -135,9 +154,18 @@ class ClusterSettings:
     core_api: object = field(default=None, repr=False)
 
 
+def cluster_overrides(*groups: list[str] | None) -> list[str]:
+    """The ``--set`` overrides of a cluster-mode command: :data:`CLUSTER_SHARED_OVERRIDES` (files on
+    the shared volume) except those whose key one of ``groups`` sets, then ``groups`` in order (a
+    later override wins, as in :func:`hescape.config.apply_overrides`)."""
+    given = [item for group in groups for item in (group or [])]
+    keys = {item.split("=", 1)[0].strip() for item in given}
+    return [*(item for item in CLUSTER_SHARED_OVERRIDES if item.split("=", 1)[0] not in keys), *given]
+
+
 def cluster_panel_path(panel: str) -> str:
-    """Where RayJobs fetch ``panel`` to: the same absolute path for every job of a run, so the paths
-    a training run records (MLflow tags) hold in the evaluation job too."""
+    """Where RayJobs fetch ``panel`` to: the same absolute path on the shared volume for every job of
+    a run, so the paths a training run records (MLflow tags) hold in the evaluation job too."""
     return f"{CLUSTER_PANEL_ROOT}/{Path(panel).name}"
 
 
@@ -315,7 +343,8 @@ def tune(panel: str, *, study: str, trials: int, mode: str = LOCAL, dvc_hash: st
     cluster = cluster or ClusterSettings()
     out = f"/tmp/hescape-tune/{study}.best.yaml"
     args[2] = cluster_panel_path(panel)
-    args += ["--params", cluster.params_file, "--best-params-out", out, *_set_args([*cluster.overrides, *overrides])]
+    args += ["--params", cluster.params_file, "--best-params-out", out,
+             *_set_args(cluster_overrides(cluster.overrides, overrides))]
     then = f"echo {shlex.quote(BEST_PARAMS_BEGIN)} && cat {shlex.quote(out)} && echo {shlex.quote(BEST_PARAMS_END)}"
     result = run_cli_as_rayjob("tune", cluster_entrypoint(args, panel=panel, dvc_hash=dvc_hash, then=then), cluster,
                                token=study)
@@ -358,7 +387,7 @@ def pretrain(panel: str, overrides: list[str] | None = None, *, mode: str = LOCA
         run_id = train_run(panel, params, local=in_process, progress=False, extra_tags=extra)
     else:
         cluster = cluster or ClusterSettings()
-        all_overrides = [*cluster.overrides, *overrides]
+        all_overrides = cluster_overrides(cluster.overrides, overrides)
         try:
             base = section(apply_overrides(load_params(params_file or None), all_overrides), "train",
                            TrainConfig).run_name
@@ -391,7 +420,7 @@ def evaluate(run_id: str, *, mode: str = LOCAL, panel: str = "", dvc_hash: str =
     else:
         cluster = cluster or ClusterSettings()
         args = ["evaluate", "--run", run_id, "--params", cluster.params_file,
-                *_set_args([*cluster.overrides, *(overrides or [])])]
+                *_set_args(cluster_overrides(cluster.overrides, overrides))]
         run_cli_as_rayjob("evaluate", cluster_entrypoint(args, panel=panel, dvc_hash=dvc_hash), cluster,
                           token=run_id[:12])
     after = run_summary(run_id)
