@@ -13,13 +13,16 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``target`` only on success.
 
     On an exception the temporary directory is removed and ``target`` is untouched.
+    ``keep_existing`` is for content-addressed targets (shards, feature caches) that several
+    processes may build at once, e.g. RayJobs on a shared volume: whoever finishes first wins and
+    the others discard their identical copy instead of replacing it under a reader.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
+    if target.exists() and not overwrite and not keep_existing:
         raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -28,13 +31,24 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if keep_existing and target.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = None
     if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        # A unique name: processes on other machines may share this directory (and a pid).
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "content")
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if keep_existing and target.exists():  # another process got there between check and rename
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ class FeatureCache:
             log.info("feature cache hit: %s", target)
             return {s: target / f"{s}.npy" for s in splits}
         log.info("feature cache miss: computing %s", target)
-        with atomic_dir(target, overwrite=True) as tmp:
+        with atomic_dir(target, overwrite=True, keep_existing=True) as tmp:
             for split in splits:
                 feats = np.asarray(compute(split), dtype=np.float32)
                 np.save(tmp / f"{split}.npy", feats)

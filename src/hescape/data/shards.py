@@ -87,7 +87,8 @@ def build_shards(panel_dir: str | Path, cfg: PreprocessConfig, *, progress: bool
     for entry in meta.files:
         for sid in entry.get("samples", []):
             sizes[split_of[sid]] += entry["n_records"]
-    with atomic_dir(target, overwrite=True) as tmp:
+    # Keyed by content: a concurrent builder's finished copy is as good as ours (unless asked to rebuild).
+    with atomic_dir(target, overwrite=True, keep_existing=not overwrite) as tmp:
         arrays, obs_parts, cursor = {}, {s: [] for s in SPLITS}, {s: 0 for s in SPLITS}
         for split in SPLITS:
             if sizes[split] == 0:
