@@ -118,7 +118,8 @@ def build_report(experiment: str, out_dir: str | Path, cfg: ReportConfig | None 
         blocks.append(Text(f"{len(runs)} evaluated training runs ({len(agg)} encoder pair x loss x strategy "
                            f"groups) of MLflow experiment `{experiment}`, panel(s) {panels}; generated "
                            f"{time.strftime('%Y-%m-%d %H:%M:%S')}. Retrieval is Recall@5 of the best checkpoint "
-                           "(lowest validation loss) on the whole test split, mean over seeds. `batch` is the "
+                           "(the epoch each run selected by its monitored validation metric, `train.monitor`) on the "
+                           "whole test split, mean over seeds. `batch` is the "
                            "published protocol (consecutive mini-batches of 64 test pairs, dataset order); "
                            "`global` ranks every test pair against all others (harder; chance 5/N)."))
 
@@ -165,8 +166,8 @@ def build_report(experiment: str, out_dir: str | Path, cfg: ReportConfig | None 
         summary = grid.summary_table(agg)
         blocks.append(Heading("All runs: best and last checkpoint"))
         blocks.append(Table(summary.set_index(grid.KEY),
-                            caption="R@5 per protocol and direction for the best checkpoint (lowest validation "
-                                    "loss) and for the last one (std over seeds where there are several)"))
+                            caption="R@5 per protocol and direction for the best checkpoint (by the run's "
+                                    "train.monitor) and for the last one (std over seeds where there are several)"))
 
         probes = grid.probe_table(agg)
         if not probes.empty:
