@@ -8,6 +8,8 @@ metric to the run (test_best_..., test_last_..., test_oracle_...) and both files
 
 from __future__ import annotations
 
+from hescape.commands._params import add_params_arguments
+
 NAME = "evaluate"
 HELP = "evaluate a training run (best and last checkpoint); writes metrics.json and logs to MLflow"
 
@@ -19,9 +21,7 @@ def add_arguments(parser):
                         help="which checkpoint(s) to evaluate (default: evaluate.checkpoints, i.e. both)")
     parser.add_argument("--workers", type=int, default=None,
                         help="Ray tasks embedding each split in parallel (1: in-process; 0: one per GPU/CPU)")
-    parser.add_argument("--params", default=None, help="params.yaml (default: ./params.yaml if present)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter, e.g. evaluate.bootstrap=200 (repeatable)")
+    add_params_arguments(parser, example="evaluate.bootstrap=200")
     parser.add_argument("--no-log", action="store_true", help="write the files only; log nothing to MLflow")
 
 

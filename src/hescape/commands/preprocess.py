@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
+from hescape.commands._params import add_params_arguments
+
 NAME = "preprocess"
 HELP = "decode and crop patches into memory-mappable training shards"
 
 
 def add_arguments(parser):
     parser.add_argument("--panel", required=True, help="curated panel directory")
-    parser.add_argument("--params", default=None, help="params.yaml (default: ./params.yaml if present)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter, e.g. preprocess.image_size=96 (repeatable)")
+    add_params_arguments(parser, example="preprocess.image_size=96")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the shards exist")
 
 

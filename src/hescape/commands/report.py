@@ -7,6 +7,8 @@ a self-contained report.html and grid.csv; logged as the artifacts of a report r
 
 from __future__ import annotations
 
+from hescape.commands._params import add_params_arguments
+
 NAME = "report"
 HELP = "benchmark grid, figures, Markdown and HTML report of an experiment's evaluated runs"
 
@@ -16,9 +18,7 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="output folder (replaced)")
     parser.add_argument("--projection", choices=["umap", "pca"], default=None,
                         help="embedding maps by UMAP (default) or PCA (fast)")
-    parser.add_argument("--params", default=None, help="params.yaml (default: ./params.yaml if present)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter, e.g. report.max_map_runs=2 (repeatable)")
+    add_params_arguments(parser, example="report.max_map_runs=2")
     parser.add_argument("--no-log", action="store_true", help="write the folder only; create no report run")
 
 

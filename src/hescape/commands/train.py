@@ -6,15 +6,15 @@ tracks everything in MLflow and prints the MLflow run id.
 
 from __future__ import annotations
 
+from hescape.commands._params import add_params_arguments
+
 NAME = "train"
 HELP = "contrastive pretraining of one encoder pair; prints the MLflow run id"
 
 
 def add_arguments(parser):
     parser.add_argument("--panel", required=True, help="curated panel directory")
-    parser.add_argument("--params", default=None, help="params.yaml (default: ./params.yaml if present)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter, e.g. train.loss=siglip (repeatable)")
+    add_params_arguments(parser, example="train.loss=siglip")
     parser.add_argument("--local", action="store_true",
                         help="run the training loop in this process instead of on Ray workers (debugging)")
     parser.add_argument("--run-name", default=None, help="MLflow run name (default: encoders-loss-strategy-seed)")

@@ -11,6 +11,8 @@ to tune.best_params_out as train.* overrides for the final training, and printed
 
 from __future__ import annotations
 
+from hescape.commands._params import add_params_arguments
+
 NAME = "tune"
 HELP = "Optuna study over temperature, heads, embedding size and lr; writes the best train.* overrides"
 
@@ -22,9 +24,7 @@ def add_arguments(parser):
                         help="complete + pruned trials the study should hold in the end (default: tune.trials)")
     parser.add_argument("--storage", default=None,
                         help="Optuna RDB URL (default: $OPTUNA_STORAGE_URL, else tune.storage)")
-    parser.add_argument("--params", default=None, help="params.yaml (default: ./params.yaml if present)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a parameter, e.g. tune.epochs=3 (repeatable)")
+    add_params_arguments(parser, example="tune.epochs=3")
     parser.add_argument("--best-params-out", default=None,
                         help="where to write the best parameters (default: tune.best_params_out)")
     parser.add_argument("--local", action="store_true",
